@@ -12,6 +12,7 @@ whose patch embedding and trunk are copied), then fresh initialisation.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -209,6 +211,48 @@ def apply_init_from(state: TrainState, variables: dict[str, Any]) -> TrainState:
         state.params, variables["params"], strict=False, name="params"
     )
     return state.replace(params=params)
+
+
+def load_pretrain_checkpoint(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, ModelConfig, dict[str, Any], int]:
+    """Load the parameters of a pre-training checkpoint onto the default device.
+
+    Args:
+        workdir: a `python -m aim_jax.train` working directory.
+        step: the checkpoint step; the latest complete one by default.
+
+    Returns:
+        `(config, model_config, params, step)`; params hold `patch_embed`, `trunk` (in the
+        run's layout, scanned or not) and `prediction_head`.
+    """
+    directory = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{directory} not found: {workdir} is not a training workdir with checkpoints."
+        )
+    manager = checkpointing.create_checkpoint_manager(
+        directory, save_interval_steps=1, max_to_keep=None, async_save=False
+    )
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No complete checkpoint in {directory}.")
+        saved = manager.restore(
+            step, args=ocp.args.Composite(**{checkpointing.CONFIG_ITEM: ocp.args.JsonRestore()})
+        )
+        config = ml_collections.ConfigDict(saved[checkpointing.CONFIG_ITEM])
+        model, model_config = create_model(config)
+        tx, _ = create_optimizer(config)
+        abstract = nn.meta.unbox(
+            jax.eval_shape(lambda: init_state(model, tx, config, jax.random.key(0)))
+        )
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+        restored = checkpointing.restore_checkpoint(manager, step, abstract, shardings)
+    finally:
+        manager.close()
+    return config, model_config, restored.state.params, step
 
 
 @dataclasses.dataclass
@@ -405,13 +449,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/fashion_mnist.py.", lock_config=True
-)
-flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events."
-)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """Define the command-line flags; called only when this module is the entry point."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file, e.g. configs/fashion_mnist.py.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events."
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -420,4 +468,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
