@@ -24,14 +24,19 @@ from aim_jax import imagenet_classes
 from aim_jax.preprocessing import ImageLoadError, eval_transform
 from aim_jax.pretrained import load_pretrained
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "Checkpoint directory written by aim_jax.save_pretrained or tools/convert_torch.py.",
-    required=True,
-)
-_TOP_K = flags.DEFINE_integer("top_k", 5, "Number of classes printed per image.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the command-line flags; called only when this module is the entry point."""
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Checkpoint directory written by aim_jax.save_pretrained or tools/convert_torch.py.",
+        required=True,
+    )
+    flags.DEFINE_integer("top_k", 5, "Number of classes printed per image.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -116,12 +121,12 @@ def main(argv: Sequence[str]) -> int:
     if not paths:
         raise app.UsageError("Give at least one image path after the flags.")
     try:
-        model, variables = load_pretrained(_CHECKPOINT.value)
+        model, variables = load_pretrained(FLAGS.checkpoint)
     except (FileNotFoundError, ValueError) as error:
-        print(f"Failed to load checkpoint {_CHECKPOINT.value}: {error}", file=sys.stderr)
+        print(f"Failed to load checkpoint {FLAGS.checkpoint}: {error}", file=sys.stderr)
         return 2
 
-    batch_size = _BATCH_SIZE.value
+    batch_size = FLAGS.batch_size
     predict = make_predictor(model, batch_size)
     names = class_names(model.config.num_classes)
     failures = 0
@@ -137,9 +142,10 @@ def main(argv: Sequence[str]) -> int:
             continue
         probabilities = predict(variables, images)  # (b, classes)
         for path, row in zip(loaded, probabilities, strict=True):
-            print(format_predictions(path, top_k(row, _TOP_K.value), names))
+            print(format_predictions(path, top_k(row, FLAGS.top_k), names))
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

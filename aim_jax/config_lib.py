@@ -30,9 +30,14 @@ def parse_variant(arg: str | None, default: str) -> dict[str, str | bool]:
 
 def model_config_dict(name: str, **overrides) -> ml_collections.ConfigDict:
     """Return the registry entry `name` as a ConfigDict, so each field can be overridden."""
-    values = get_model_config(name, **overrides).to_dict()
-    if values["best_probe_layers"] is None:
-        values["best_probe_layers"] = ml_collections.config_dict.placeholder(list)
+    model = get_model_config(name, **overrides)
+    values = model.to_dict()
+    # Tuples, because ml_collections overrides tuples from the command line but not lists.
+    values["img_size"] = model.img_size
+    values["probe_layers"] = model.probe_layers
+    values["best_probe_layers"] = model.best_probe_layers or ml_collections.config_dict.placeholder(
+        tuple
+    )
     return ml_collections.ConfigDict(values)
 
 
@@ -80,7 +85,16 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = ml_collections.config_dict.placeholder(list)
 
+    # Multi-process launch: left unset, SLURM, Open MPI and Cloud TPU pods are detected from
+    # their environment; set all three fields to start the processes by hand.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+    config.distributed.auto_detect = False
+
     config.checkpoint_every_steps = 2000
+    config.async_checkpointing = True
     config.keep_checkpoints = 3
     config.log_every_steps = 50
     config.init_from = ""  # a save_pretrained or convert_torch.py directory

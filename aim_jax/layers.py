@@ -125,7 +125,9 @@ class PatchProjection(nn.Module):
             "kernel",
             logical(
                 nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
-                *("patch",) * 3,
+                "patch",
+                None,
+                None,
                 "embed",
             ),
             (p, p, channels, self.embed_dim),

@@ -31,18 +31,24 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
-def _prepare_output(directory: Path, overwrite: bool) -> Path:
-    """Return a fresh temporary directory beside `directory`, after checking it may be written."""
+def prepare_output(directory: Path, overwrite: bool) -> Path:
+    """Return a fresh temporary directory beside `directory`, after checking it may be written.
+
+    Write the output there, then move it into place with `commit_output`, so that a failure
+    leaves nothing at `directory`.
+    """
     if directory.exists() and not overwrite:
         raise FileExistsError(
             f"Output directory {directory} already exists; pass overwrite=True (--overwrite) "
             "to replace it."
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the output should be readable like any directory
+    return tmp
 
 
-def _commit_output(tmp: Path, directory: Path) -> None:
+def commit_output(tmp: Path, directory: Path) -> None:
     """Move a finished temporary directory to `directory`, replacing an old one."""
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -59,7 +65,6 @@ def write_checkpoint(
     variables: dict[str, Any],
     *,
     overwrite: bool = False,
-    save_concurrent_gb: int | None = None,
 ) -> Path:
     """Write config.json and the Orbax variables atomically.
 
@@ -69,25 +74,21 @@ def write_checkpoint(
     Args:
         directory: output directory.
         config: the architecture.
-        variables: {"params": ..., "batch_stats": ...} in the unrolled layout; leaves may be
-            numpy arrays (memory-mapped ones included) or jax arrays.
+        variables: {"params": ..., "batch_stats": ...} in the unrolled layout, numpy or jax
+            arrays. Orbax copies numpy leaves into memory; `aim_jax.conversion` streams large
+            checkpoints instead.
         overwrite: replace an existing directory.
-        save_concurrent_gb: cap on the bytes Orbax writes concurrently, to bound memory.
 
     Returns:
         The output directory.
     """
     directory = Path(directory).absolute()
-    tmp = _prepare_output(directory, overwrite)
+    tmp = prepare_output(directory, overwrite)
     try:
         (tmp / CONFIG_FILE).write_text(config.to_json())
-        handler_kwargs = {}
-        if save_concurrent_gb is not None:
-            handler_kwargs["save_concurrent_gb"] = save_concurrent_gb
-        handler = ocp.StandardCheckpointHandler(**handler_kwargs)
-        with ocp.Checkpointer(handler) as checkpointer:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             checkpointer.save(tmp / VARIABLES_DIR, args=ocp.args.StandardSave(variables))
-        _commit_output(tmp, directory)
+        commit_output(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -201,6 +202,12 @@ def load_pretrained(
     """
     config = read_config(checkpoint_dir)
     variables = restore_variables(checkpoint_dir)
+    if "head" not in variables["params"]:
+        raise ValueError(
+            f"Checkpoint {checkpoint_dir} has no attention-probe head (it was converted without "
+            "--head or saved from pre-training), so it cannot classify. Read its trunk with "
+            "aim_jax.pretrained.restore_variables, or train a head with python -m aim_jax.probe."
+        )
     model = AIM(
         config,
         dtype=dtype,

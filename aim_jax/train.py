@@ -70,8 +70,10 @@ def weight_decay_mask(params: Any) -> Any:
     """Decay only matrices: not biases, norm scales, or the probe's query token."""
 
     def decays(path, leaf):
-        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-        return name == "kernel"
+        # Boxed parameters (`nn.LogicallyPartitioned`) end their path with the box's `.value`
+        # attribute, so the parameter name is the last dict key in the path.
+        names = [str(entry.key) for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        return bool(names) and names[-1] == "kernel"
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -111,10 +113,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: Any,
     grad_accum_steps: int,
+    num_processes: int = 1,
 ):
     """Build `train_step(state, batch, rng) -> (state, metrics)`.
 
-    Each image gets its own prefix length, drawn from `rng` folded with the step. With
+    Each image gets its own prefix length, drawn from `rng` folded with the step. The draws
+    follow the order of the data stream, so a run over `num_processes` processes trains on
+    the same (image, prefix length) pairs as a single-process run. With
     `grad_accum_steps` > 1 the batch is split into micro-batches whose summed losses and
     gradients are divided by the total number of target patches once, so the update equals
     the one of the whole batch. A step whose loss or gradient norm is not finite leaves the
@@ -135,6 +140,12 @@ def make_train_step(
         num_patches = (height // patch_size) * (width // patch_size)
         step_rng = jax.random.fold_in(rng, state.step)
         prefix_len = sample_prefix_lengths(step_rng, batch_size, num_patches)  # (B,)
+        if num_processes > 1:
+            # Process p reads stream positions p, p + P, p + 2P, ... (see
+            # `input_pipeline.make_train_dataset`) and the global batch concatenates the
+            # processes' slices, so global row p * B/P + j holds stream position j * P + p.
+            prefix_len = prefix_len.reshape(batch_size // num_processes, num_processes).T
+            prefix_len = prefix_len.reshape(batch_size)  # (B,)
 
         if grad_accum_steps == 1:
             (total, count), grads = grad_fn(state.params, images, prefix_len)
@@ -274,10 +285,21 @@ class Setup:
     flops_per_image: float
 
 
-def setup_training(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Build the mesh, model, optimizer, data iterator and state (restored or fresh)."""
+def setup_training(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> Setup:
+    """Build the mesh, model, optimizer, data iterator and state (restored or fresh).
+
+    Args:
+        config: the training config.
+        workdir: the run directory; checkpoints go to `workdir/checkpoints`.
+        devices: devices laid out by `config.mesh`; all devices of all processes by default.
+
+    Returns:
+        A `Setup` for `train_loop`.
+    """
     sharding.initialize_distributed(config)
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = sharding.create_mesh(config.mesh, devices)
     rules = sharding.logical_axis_rules(config)
     model, model_config = create_model(config)
     tx, schedule = create_optimizer(config)
@@ -311,7 +333,9 @@ def setup_training(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, int(config.grad_accum_steps)),
+        make_train_step(
+            model, tx, schedule, int(config.grad_accum_steps), num_processes=jax.process_count()
+        ),
         in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -358,17 +382,38 @@ def _progress_bar(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+def raise_if_non_finite(host_metrics: list[dict[str, Any]], last_step: int) -> None:
+    """Raise `NonFiniteError` if a step of `host_metrics` (ending at `last_step`) is not finite."""
+    first_step = last_step - len(host_metrics) + 1
+    for step, step_metrics in enumerate(host_metrics, start=first_step):
+        if not bool(step_metrics["train/finite"]):
+            raise NonFiniteError(
+                f"Non-finite loss {float(step_metrics['train/loss'])} or gradient norm "
+                f"{float(step_metrics['train/grad_norm'])} at step {step}. The step was not "
+                f"applied and no checkpoint after step {step - 1} was written, so the latest "
+                "checkpoint in the workdir is the last good one. Lower optimizer.peak_lr or "
+                "check the data."
+            )
+
+
 def train_loop(setup: Setup, workdir: str) -> dict[str, float]:
     """Run steps until `config.total_steps`, logging, checkpointing and stopping on NaN.
 
+    The finiteness of every step is checked before each checkpoint and at each log step, so
+    a checkpoint never follows a step whose loss or gradient norm was NaN or infinite.
+
     Returns:
         The last logged metrics.
+
+    Raises:
+        NonFiniteError: if a step's loss or gradient norm is not finite.
     """
     config = setup.config
-    writer = metrics.MetricWriter(workdir, resume_step=setup.start_step or None)
+    # `resume_step` also drops lines left by a run killed before its first checkpoint.
+    writer = metrics.MetricWriter(workdir, resume_step=setup.start_step)
     if setup.start_step == 0:
         writer.write_hparams(config)
-    peak = device_peak_flops(config) * jax.device_count()
+    peak = device_peak_flops(config) * setup.mesh.devices.size
     state, rng = setup.state, setup.rng
     bar = _progress_bar(config.total_steps, setup.start_step)
     last: dict[str, float] = {}
@@ -384,23 +429,19 @@ def train_loop(setup: Setup, workdir: str) -> dict[str, float]:
                 pending.append(step_metrics)
                 if bar is not None:
                     bar.update(1)
-                if step % config.log_every_steps == 0 or step == config.total_steps:
-                    host = [jax.device_get(m) for m in pending]
-                    pending = []
-                    bad = [m for m in host if not bool(m["train/finite"])]
-                    if bad:
-                        raise NonFiniteError(
-                            f"Non-finite loss {float(bad[0]['train/loss'])} or gradient norm "
-                            f"{float(bad[0]['train/grad_norm'])} before step {step}. The step "
-                            "was not applied and no checkpoint was written after it; the last "
-                            "good checkpoint is kept. Lower optimizer.peak_lr or check the data."
-                        )
+                is_last = step == config.total_steps
+                log_due = step % config.log_every_steps == 0 or is_last
+                save_due = step % config.checkpoint_every_steps == 0 or is_last
+                if log_due or save_due:
+                    pending = [jax.device_get(m) for m in pending]
+                    raise_if_non_finite(pending, step)
+                if log_due:
                     elapsed = time.perf_counter() - window_start
                     images_per_sec = window_images / max(elapsed, 1e-9)
                     last = {
-                        "train/loss": float(host[-1]["train/loss"]),
-                        "train/grad_norm": float(host[-1]["train/grad_norm"]),
-                        "train/lr": float(host[-1]["train/lr"]),
+                        "train/loss": float(pending[-1]["train/loss"]),
+                        "train/grad_norm": float(pending[-1]["train/grad_norm"]),
+                        "train/lr": float(pending[-1]["train/lr"]),
                         "train/images_per_sec": images_per_sec,
                         "train/mfu": images_per_sec * setup.flops_per_image / peak,
                         "data/skipped_images": float(input_pipeline.skipped_image_count()),
@@ -418,7 +459,11 @@ def train_loop(setup: Setup, workdir: str) -> dict[str, float]:
                     )
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+                    pending = []
                     window_start, window_images = time.perf_counter(), 0
+                # Called every step: Orbax also saves when JAX's preemption service reports a
+                # preemption. Such a save may follow an unchecked step, but a non-finite step
+                # leaves the state unchanged, so the saved state is still finite.
                 checkpointing.save_checkpoint(
                     setup.manager,
                     step,
@@ -426,7 +471,7 @@ def train_loop(setup: Setup, workdir: str) -> dict[str, float]:
                     rng=rng,
                     data_iterator=setup.train_iter,
                     config=config,
-                    force=step == config.total_steps,
+                    force=is_last,
                 )
     finally:
         if bar is not None:

@@ -185,7 +185,7 @@ def stack_blocks(trunk_params: dict[str, Any], num_blocks: int | None = None) ->
         raise ValueError(f"Trunk block indices are not contiguous from 0: {indices}.")
     num_blocks = len(indices) if num_blocks is None else num_blocks
     if num_blocks > len(indices):
-        raise ValueError(f"Asked for {num_blocks} blocks but the trunk has {len(indices)}.")
+        raise ValueError(f"Requested {num_blocks} blocks but the trunk has {len(indices)}.")
     out = {k: v for k, v in trunk_params.items() if _block_index(k) is None}
     per_block = [trunk_params[f"blocks_{i}"] for i in range(num_blocks)]
     out["blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)}
