@@ -143,7 +143,7 @@ def make_train_step(
         if num_processes > 1:
             # Process p reads stream positions p, p + P, p + 2P, ... (see
             # `input_pipeline.make_train_dataset`) and the global batch concatenates the
-            # processes' slices, so global row p * B/P + j holds stream position j * P + p.
+            # processes' slices, so global row p * B/P + j contains stream position j * P + p.
             prefix_len = prefix_len.reshape(batch_size // num_processes, num_processes).T
             prefix_len = prefix_len.reshape(batch_size)  # (B,)
 
@@ -170,7 +170,7 @@ def make_train_step(
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
