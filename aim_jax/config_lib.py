@@ -91,6 +91,7 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
     config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+    config.distributed.local_device_ids = ml_collections.config_dict.placeholder(tuple)
     config.distributed.auto_detect = False
 
     config.checkpoint_every_steps = 2000
