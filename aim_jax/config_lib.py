@@ -7,6 +7,11 @@ import ml_collections
 from aim_jax.registry import MODELS, ModelConfig, get_model_config
 
 
+# Fields that define a trunk's shape; a config that changes any of them is no longer the
+# registry model it started from.
+ARCHITECTURE_FIELDS = ("embed_dim", "num_blocks", "num_heads", "patch_size", "mlp_ratio")
+
+
 def parse_variant(arg: str | None, default: str) -> dict[str, str | bool]:
     """Parse a config argument such as "aim-600M", "runlocal" or "aim-base,runlocal".
 
@@ -47,7 +52,14 @@ def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     for key in ("img_size", "probe_layers", "best_probe_layers"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
-    return ModelConfig.from_dict(values)
+    config = ModelConfig.from_dict(values)
+    registered = MODELS.get(config.name)
+    if registered is not None and any(
+        getattr(config, field) != getattr(registered, field) for field in ARCHITECTURE_FIELDS
+    ):
+        # A registry name on a changed architecture would mislabel checkpoints and logs.
+        config = config.replace(name=f"{config.name}-custom")
+    return config
 
 
 def base_pretrain_config() -> ml_collections.ConfigDict:
@@ -85,8 +97,8 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = ml_collections.config_dict.placeholder(list)
 
-    # Multi-process launch: left unset, SLURM, Open MPI and Cloud TPU pods are detected from
-    # their environment; set all three fields to start the processes by hand.
+    # Multi-process launch. Left unset, SLURM, Open MPI and Cloud TPU pods are detected from
+    # their environment. Set the address, count and id to start the processes by hand.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)

@@ -7,6 +7,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aim_jax.registry import ModelConfig
 
@@ -50,22 +51,26 @@ def pretrain_step_flops(config: ModelConfig, num_tokens: int) -> float:
 
 
 @functools.cache
-def measure_matmul_peak(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
     """Measure the FLOP/s of a square matmul on the default device, best of `repeats`.
 
+    The result is cached per argument set, so repeated calls cost nothing.
+
     Args:
-        dtype_name: "float32" or "bfloat16".
-        size: matrix side.
-        repeats: timed runs after one warm-up.
+        dtype: input and output dtype name, "float32" or "bfloat16".
+        size: side of the square matrices; one run is 2 * size**3 FLOPs.
+        repeats: timed runs after one warm-up run; the fastest one counts.
 
     Returns:
-        The best achieved FLOP/s, 2 * size^3 / seconds.
+        FLOP/s of the fastest run.
     """
-    dtype = jnp.dtype(dtype_name)
-    a = jnp.ones((size, size), dtype)
-    b = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
-    matmul(a, b).block_until_ready()
+    if size <= 0 or repeats <= 0:
+        raise ValueError(f"size and repeats must be positive, got size={size}, repeats={repeats}.")
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((size, size), np.float32), jnp.dtype(dtype))
+    b = jnp.asarray(rng.standard_normal((size, size), np.float32), jnp.dtype(dtype))
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()  # compile and warm up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

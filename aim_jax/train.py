@@ -268,7 +268,7 @@ def load_pretrain_checkpoint(
 
 @dataclasses.dataclass
 class Setup:
-    """What the training loop needs, built by `setup_training`."""
+    """Mesh, model, state, data iterator and step function, built by `setup_training`."""
 
     config: ml_collections.ConfigDict
     model: AIMPretrainer

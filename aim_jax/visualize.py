@@ -137,7 +137,7 @@ def visualize(
     for source in sources:
         image = preprocessing.load_image(source)
         if grayscale:
-            # A model pre-trained on grayscale images sees its photographs in grayscale too.
+            # A model pre-trained on grayscale images is shown its photographs in grayscale too.
             image = image.convert("L").convert("RGB")
         images.append(preprocessing.eval_transform(image, image_size=(height, width)))
     num_patches = (height // model_config.patch_size) * (width // model_config.patch_size)

@@ -7,8 +7,8 @@ Launch (from the repository root):
 
 Variants: aim-600M, aim-1B, aim-3B, aim-7B, the research sizes aim-tiny, aim-small,
 aim-base, and "runlocal" (comma-separated), which shrinks steps and batch for a laptop.
-The paper trained on DFN-2B+ with a global batch of 4096: aim-600M for about 500k steps,
-the larger sizes for about 1.2M steps.
+El-Nouby et al. (ICML 2024) trained on DFN-2B+ with a global batch of 4096: aim-600M for
+about 500k steps, the larger sizes for about 1.2M steps.
 """
 
 from aim_jax import config_lib

@@ -22,10 +22,10 @@ def get_config(arg=None):
         patch_size=4,
         img_size=(28, 28),
         num_classes=10,
-        head_width=256,
-        head_depth=2,
+        head_width=128,
+        head_depth=1,
     )
-    config.total_steps = 3000
+    config.total_steps = 500  # about one epoch of the 60,000 training images
     config.batch_size = 128
     config.dtype = "float32"
     config.scan = False
@@ -38,8 +38,8 @@ def get_config(arg=None):
     config.data.num_workers = 0
     config.data.augment = False
 
-    config.checkpoint_every_steps = 500
-    config.log_every_steps = 25
+    config.checkpoint_every_steps = 100
+    config.log_every_steps = 10
     if variant["runlocal"]:
         config.total_steps = 6
         config.batch_size = 16

@@ -61,11 +61,11 @@ def get_config(arg=None):
     config.cache_features = True
     config.cache_dtype = "float16"  # "float16" or "float32"
 
-    config.total_steps = 2000
+    config.total_steps = 6000
     config.batch_size = 256  # global
     config.eval_batch_size = 512
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.peak_lr = 1e-3
+    config.optimizer.peak_lr = 3e-3
     config.optimizer.init_lr = 0.0
     config.optimizer.warmup_fraction = 0.05
     config.optimizer.b1 = 0.9

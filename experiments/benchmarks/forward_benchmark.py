@@ -13,20 +13,17 @@ of the device in the same dtype (`matmul_peak.py`). Example:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aim_jax.flops import measure_matmul_peak
+from aim_jax.models import AIM
+from aim_jax.registry import MODELS, ModelConfig, get_model_config
 
-from matmul_peak import DTYPES, measure_matmul_peak  # noqa: E402
-
-from aim_jax.models import AIM  # noqa: E402
-from aim_jax.registry import MODELS, ModelConfig, get_model_config  # noqa: E402
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def forward_flops(config: ModelConfig, height: int, width: int, num_run: int) -> dict[str, float]:
@@ -119,7 +116,7 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     size = args.img_size
 
-    peaks = {name: measure_matmul_peak(DTYPES[name], args.peak_size) for name in dtypes}
+    peaks = {name: measure_matmul_peak(name, args.peak_size) for name in dtypes}
     print(f"device: {jax.devices()[0].device_kind}, backend {jax.default_backend()}")
     for name, peak in peaks.items():
         print(f"matmul peak {name} ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
