@@ -6,7 +6,6 @@ import ml_collections
 
 from aim_jax.registry import MODELS, ModelConfig, get_model_config
 
-
 # Fields that define a trunk's shape; a config that changes any of them is no longer the
 # registry model it started from.
 ARCHITECTURE_FIELDS = ("embed_dim", "num_blocks", "num_heads", "patch_size", "mlp_ratio")

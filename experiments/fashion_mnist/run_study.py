@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from aim_jax import data_sources, probe, train
 
 HERE = Path(__file__).resolve().parent
+NOTES_MARKER = "<!-- Notes below this line are written by hand and kept when the study reruns. -->"
 REPO = HERE.parents[1]
 
 FLAGS = flags.FLAGS
@@ -150,6 +151,9 @@ Run on {results["date"]} on {results["hardware"]}, with {results["versions"]}.
 Model: {results["model"]}.
 The pre-training loss curve of this run is `pretrain_loss.png`.
 """
+    if output.exists() and NOTES_MARKER in output.read_text():
+        # Hand-written analysis below the marker survives a rerun of the study.
+        text += "\n" + NOTES_MARKER + output.read_text().split(NOTES_MARKER, 1)[1]
     output.write_text(text)
 
 
