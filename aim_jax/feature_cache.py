@@ -35,6 +35,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from aim_jax import sharding
+from aim_jax.pretrained import commit_output
 
 CACHE_SUBDIR = "feature_cache"
 FEATURES_FILE = "features.npy"
@@ -193,7 +194,7 @@ def build_cache(
             np.save(tmp / LABELS_FILE, labels)
             record = {"digest": key_digest(key), "key": key}
             (tmp / KEY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
-            _replace_directory(tmp, directory)
+            commit_output(tmp, directory)
             logging.info(
                 "Wrote feature cache %s: %d records, %d unreadable.",
                 directory,
@@ -210,16 +211,6 @@ def build_cache(
         np.load(directory / FEATURES_FILE, mmap_mode="r"),
         np.load(directory / LABELS_FILE),
     )
-
-
-def _replace_directory(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def batch_rows(valid_rows: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -49,6 +49,22 @@ def check_images(images: jax.Array, patch_size: int) -> None:
         )
 
 
+def make_trunk(
+    config: ModelConfig, dtype: Dtype, scan: bool, remat_policy: str, name: str | None = None
+) -> Trunk:
+    """Build the trunk of `config`, shared by `AIM` and `AIMPretrainer`."""
+    return Trunk(
+        num_blocks=config.num_blocks,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        norm_eps=config.norm_eps,
+        dtype=dtype,
+        scan=scan,
+        remat_policy=remat_policy,
+        name=name,
+    )
+
+
 class AIM(nn.Module):
     """AIM v1 model.
 
@@ -70,15 +86,7 @@ class AIM(nn.Module):
     def setup(self):
         cfg = self.config
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim, cfg.norm_eps, self.dtype)
-        self.trunk = Trunk(
-            num_blocks=cfg.num_blocks,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_eps=cfg.norm_eps,
-            dtype=self.dtype,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-        )
+        self.trunk = make_trunk(cfg, self.dtype, self.scan, self.remat_policy)
         self.head = AttentionProbe(cfg.num_heads, cfg.num_classes, dtype=self.dtype)
 
     @property
@@ -154,16 +162,7 @@ class AIMPretrainer(nn.Module):
             images
         )  # (B, N, D)
         mask = attention_mask("prefix", x.shape[1], prefix_len)  # (B, 1, N, N)
-        trunk = Trunk(
-            num_blocks=cfg.num_blocks,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_eps=cfg.norm_eps,
-            dtype=self.dtype,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            name="trunk",
-        )
+        trunk = make_trunk(cfg, self.dtype, self.scan, self.remat_policy, name="trunk")
         tokens = trunk(x, mask, final_norm=True).tokens  # (B, N, D)
         return PredictionHead(
             width=cfg.head_width,

@@ -37,6 +37,7 @@ from aim_jax.data_sources import make_source
 from aim_jax.models import AIM
 from aim_jax.pretrained import save_pretrained
 from aim_jax.registry import ModelConfig
+from aim_jax.train import create_optimizer
 
 RESULTS_FILE = "results.json"
 TRUNK_FILE = "trunk.json"
@@ -324,7 +325,7 @@ def setup_probe_training(
         featurize = trunk_features
 
     head = probe_lib.create_head(config.head, model_config, dtype)
-    tx, schedule = probe_lib.create_optimizer(config)
+    tx, schedule = create_optimizer(config)
     feature_shape = (_num_tokens(config, model_config), model_config.embed_dim)
     init_rng = jax.random.key(config.seed)
 

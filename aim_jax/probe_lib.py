@@ -42,7 +42,6 @@ from aim_jax.layers import Dtype, logical
 from aim_jax.models import AIM, check_images
 from aim_jax.pretrained import VARIABLES_DIR, read_config
 from aim_jax.registry import ModelConfig
-from aim_jax.train import weight_decay_mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TRUNK_SOURCES = ("pretrain_workdir", "pretrained", "random")
@@ -606,34 +605,6 @@ class ProbeState:
     params: Any
     batch_stats: Any
     opt_state: Any
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """AdamW on the head: linear warmup from `init_lr`, cosine decay to 0, optional clipping.
-
-    Weight decay applies only to kernels (not the query token). `optimizer.clip_norm <= 0`
-    turns clipping off.
-    """
-    opt = config.optimizer
-    warmup = max(1, int(round(opt.warmup_fraction * config.total_steps)))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=opt.init_lr,
-        peak_value=opt.peak_lr,
-        warmup_steps=warmup,
-        decay_steps=max(config.total_steps, warmup + 1),
-        end_value=0.0,
-    )
-    adamw = optax.adamw(
-        schedule,
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        mask=weight_decay_mask,
-    )
-    if opt.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw), schedule
-    return adamw, schedule
 
 
 def init_probe_state(head: nn.Module, tx, feature_shape: Sequence[int], rng: jax.Array):

@@ -79,7 +79,11 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """AdamW with global-norm clipping, linear warmup from `init_lr`, then cosine decay to 0."""
+    """AdamW with linear warmup from `init_lr`, then cosine decay to 0.
+
+    Gradients are clipped to a global norm of `optimizer.clip_norm`; 0 turns clipping off.
+    Weight decay applies to kernels only (see `weight_decay_mask`).
+    """
     opt = config.optimizer
     warmup = max(1, int(round(opt.warmup_fraction * config.total_steps)))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -89,17 +93,16 @@ def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientT
         decay_steps=max(config.total_steps, warmup + 1),
         end_value=0.0,
     )
-    tx = optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=opt.b1,
-            b2=opt.b2,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-            mask=weight_decay_mask,
-        ),
+    tx = optax.adamw(
+        schedule,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=weight_decay_mask,
     )
+    if opt.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
     return tx, schedule
 
 
