@@ -48,6 +48,17 @@ CHECKPOINT_SUBDIR = "checkpoints"
 PRETRAINED_COLLECTIONS = ("params", "batch_stats")
 
 
+def absolute_path(path: str | os.PathLike[str]) -> epath.Path:
+    """Return `path` made absolute, leaving URIs such as gs://bucket/dir unchanged.
+
+    Orbax rejects relative checkpoint paths, and `epath.Path.absolute()` would turn a URI into
+    a local path, so URIs are passed through.
+    """
+    if "://" in os.fspath(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
 def create_checkpoint_manager(
     directory: str | os.PathLike[str],
     *,
@@ -94,7 +105,9 @@ def create_checkpoint_manager(
         # this, saving that step again fails because the temporary directory already exists.
         cleanup_tmp_directories=True,
     )
-    manager = ocp.CheckpointManager(epath.Path(directory), options=options, item_names=ITEM_NAMES)
+    manager = ocp.CheckpointManager(
+        absolute_path(directory), options=options, item_names=ITEM_NAMES
+    )
     logging.info(
         "Checkpoint directory %s: every %d steps, keeping %s; complete steps %s.",
         directory,
@@ -321,7 +334,7 @@ def load_pretrained_variables(directory: str | os.PathLike[str]) -> dict[str, An
     Returns:
         The saved pytree (for example `{"params": ..., "batch_stats": ...}`) of numpy arrays.
     """
-    directory = epath.Path(directory)
+    directory = absolute_path(directory)
     if (directory / "variables").exists():
         directory = directory / "variables"
     if not directory.exists():

@@ -96,8 +96,9 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = ml_collections.config_dict.placeholder(list)
 
-    # Multi-process launch. Left unset, SLURM, Open MPI and Cloud TPU pods are detected from
-    # their environment. Set the address, count and id to start the processes by hand.
+    # Multi-process launch. Left unset, SLURM and Open MPI launches are detected from their
+    # environment; on Cloud TPU pods set auto_detect. Set the address, count and id to start
+    # the processes by hand.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)

@@ -156,7 +156,7 @@ def pretrain_workdir_steps(workdir: str | os.PathLike[str]) -> list[int]:
     The checkpoint directory is opened read-only, so a pre-training run still writing to it is
     left alone.
     """
-    directory = epath.Path(workdir) / checkpointing.CHECKPOINT_SUBDIR
+    directory = checkpointing.absolute_path(workdir) / checkpointing.CHECKPOINT_SUBDIR
     if not directory.exists():
         raise FileNotFoundError(
             f"{directory} not found: {workdir} is not an aim_jax.train workdir. Set "
@@ -195,7 +195,7 @@ def read_pretrain_workdir(
         raise FileNotFoundError(
             f"Step {step} is not a complete checkpoint of {workdir}; complete steps: {steps}."
         )
-    step_dir = epath.Path(workdir) / checkpointing.CHECKPOINT_SUBDIR / str(step)
+    step_dir = checkpointing.absolute_path(workdir) / checkpointing.CHECKPOINT_SUBDIR / str(step)
     config_file = step_dir / checkpointing.CONFIG_ITEM / "metadata"
     if not config_file.exists():
         raise FileNotFoundError(

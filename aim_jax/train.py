@@ -1,6 +1,6 @@
-"""Autoregressive pre-training of AIM.
+r"""Autoregressive pre-training of AIM.
 
-    python -m aim_jax.train --config configs/fashion_mnist.py --workdir workdirs/fmnist
+    python -m aim_jax.train --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist
     python -m aim_jax.train --config configs/aim_pretrain.py:aim-600M --workdir DIR \
         --config.data.path=/data/imagenet --config.batch_size=4096
 

@@ -297,3 +297,18 @@ def test_init_from_copies_trunk_and_keeps_fresh_head(tmp_path):
     resumed.manager.close()
     assert resumed.start_step == 2
     assert_trees_close(jax.device_get(resumed.state.params), expected, rtol=0.0)
+
+
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+    # Orbax rejects relative paths, so the workdir must be made absolute before it sees it.
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(total_steps=4, checkpoint_every_steps=2)
+    train(config, "workdirs/run", single_device())
+    assert sorted(os.listdir(tmp_path / "workdirs" / "run" / "checkpoints")) == ["2", "4"]
+
+    params = train_lib.load_pretrain_checkpoint("workdirs/run")[2]
+    assert "prediction_head" in params
+
+    config.total_steps = 6
+    train(config, "workdirs/run", single_device())
+    assert sorted(read_losses(tmp_path / "workdirs" / "run")) == [1, 2, 3, 4, 5, 6]
