@@ -512,7 +512,17 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt:
+        # `train_loop` waits for a save in flight before returning, so the checkpoints on
+        # disk are complete, and an unfinished one would be ignored on resume anyway.
+        logging.warning(
+            "Interrupted. Run the same command again to resume from the last complete "
+            "checkpoint in %s.",
+            FLAGS.workdir,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":
