@@ -80,8 +80,8 @@ def attention_mask(
 
     Args:
         mode: "bidirectional" (no mask), "causal", or "prefix" (prefix-causal: the first
-            `prefix_len[b]` tokens see each other, every later token sees the prefix and
-            the tokens before it).
+            `prefix_len[b]` tokens attend to each other, and every later token attends to
+            the prefix and the tokens before it).
         num_tokens: sequence length N.
         prefix_len: int array of shape (B,), required for "prefix".
 

@@ -62,7 +62,7 @@ def kernel_environment(run_dir: pathlib.Path) -> dict[str, str]:
         path for path in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if path
     )
     # tests/conftest.py simulates 8 CPU devices for the sharding tests. Without that flag the
-    # notebook sees the real devices, as it does outside the tests.
+    # notebook runs on the real devices, as it does outside the tests.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = flags.strip()
     return env

@@ -300,7 +300,7 @@ def test_init_from_copies_trunk_and_keeps_fresh_head(tmp_path):
 
 
 def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
-    # Orbax rejects relative paths, so the workdir must be made absolute before it sees it.
+    # Orbax rejects relative paths, so the workdir must be made absolute before Orbax gets it.
     monkeypatch.chdir(tmp_path)
     config = tiny_config(total_steps=4, checkpoint_every_steps=2)
     train(config, "workdirs/run", single_device())
