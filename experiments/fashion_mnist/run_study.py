@@ -133,9 +133,9 @@ python -m aim_jax.probe --config configs/probe/fashion_mnist.py:random \\
 ```
 
 plus logistic regression on raw pixels (scikit-learn, standardised pixels, C = 0.1).
-Pre-training uses the 60,000 training images without labels; the probes and the
-logistic regression train on the training labels; every figure is top-1 accuracy on the
-10,000 test images.
+Pre-training uses the 60,000 training images without labels. The probes and the logistic
+regression train on the training labels. Every figure is top-1 accuracy on the 10,000 test
+images.
 
 Run on {results["date"]} on {results["hardware"]}, with {results["versions"]}.
 
