@@ -6,7 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aim_jax.layers import Dtype, Mlp, layer_norm, logical, sincos_pos_embed_2d
+from aim_jax.layers import (
+    Dtype,
+    Mlp,
+    layer_norm,
+    logical,
+    matrix_dot_general,
+    sincos_pos_embed_2d,
+)
 
 
 class BatchNorm(nn.Module):
@@ -74,6 +81,7 @@ class AttentionProbe(nn.Module):
                 dim,
                 use_bias=False,
                 dtype=self.dtype,
+                dot_general=matrix_dot_general,
                 kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "heads"),
                 name=name,
             )
@@ -125,6 +133,7 @@ class PredictionHead(nn.Module):
         x = nn.Dense(
             self.width,
             dtype=self.dtype,
+            dot_general=matrix_dot_general,
             kernel_init=logical(nn.initializers.xavier_uniform(), "heads", "embed"),
             bias_init=logical(nn.initializers.zeros_init(), "embed"),
             name="input_proj",
@@ -136,6 +145,7 @@ class PredictionHead(nn.Module):
         out = nn.Dense(
             self.patch_dim,
             dtype=self.dtype,
+            dot_general=matrix_dot_general,
             kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "vocab"),
             bias_init=logical(nn.initializers.zeros_init(), "vocab"),
             name="output_proj",

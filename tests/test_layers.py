@@ -16,6 +16,7 @@ from aim_jax.layers import (
     Mlp,
     PatchProjection,
     attention_mask,
+    matrix_dot_general,
     sincos_pos_embed_2d,
 )
 
@@ -232,6 +233,52 @@ def test_mlp_matches_numpy():
     ours = np.asarray(Mlp(hidden).apply(variables, jnp.asarray(x)))
     expected = erf_gelu(x.astype(np.float64) @ fc1) @ fc2
     np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_mlp_gradients_match_numpy():
+    # The backward pass written out in float64: y = GELU(x W1) W2, loss = sum(y * dy).
+    dim, hidden = 16, 64
+    rng = np.random.default_rng(7)
+    fc1 = rng.normal(0, dim**-0.5, (dim, hidden)).astype(np.float32)
+    fc2 = rng.normal(0, hidden**-0.5, (hidden, dim)).astype(np.float32)
+    x = rng.normal(size=(2, 5, dim)).astype(np.float32)
+    dy = rng.normal(size=(2, 5, dim)).astype(np.float32)
+
+    def loss(params, inputs):
+        return (Mlp(hidden).apply({"params": params}, inputs) * dy).sum()
+
+    params = {"fc1": {"kernel": jnp.asarray(fc1)}, "fc2": {"kernel": jnp.asarray(fc2)}}
+    grads, grad_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    h = x64 @ fc1  # (B, N, hidden)
+    normal_cdf = 0.5 * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
+    normal_pdf = np.exp(-0.5 * h**2) / math.sqrt(2.0 * math.pi)
+    gelu_slope = normal_cdf + h * normal_pdf  # d/dh of h * Phi(h)
+    dh = (dy64 @ fc2.T) * gelu_slope
+    expected_fc2 = np.einsum("bnh,bnd->hd", erf_gelu(h), dy64)
+    expected_fc1 = np.einsum("bnd,bnh->dh", x64, dh)
+    np.testing.assert_allclose(grads["fc2"]["kernel"], expected_fc2, atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(grads["fc1"]["kernel"], expected_fc1, atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, dh @ fc1.T, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lhs_shape", "rhs_shape", "dims", "subscripts"),
+    [
+        ((2, 3, 5, 4), (4, 6), (((3,), (0,)), ((), ())), "abcd,de->abce"),  # merged to 2D
+        ((7, 4), (4, 6), (((1,), (0,)), ((), ())), "ad,de->ae"),  # already 2D
+        ((4, 3, 5), (4, 6), (((0,), (0,)), ((), ())), "dbc,de->bce"),  # other form: lax
+    ],
+)
+def test_matrix_dot_general_equals_einsum(lhs_shape, rhs_shape, dims, subscripts):
+    rng = np.random.default_rng(8)
+    lhs = rng.normal(size=lhs_shape).astype(np.float32)
+    rhs = rng.normal(size=rhs_shape).astype(np.float32)
+    ours = np.asarray(matrix_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), dims))
+    expected = np.einsum(subscripts, lhs.astype(np.float64), rhs.astype(np.float64))
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=1e-6)
 
 
 def test_mlp_gelu_is_exact_not_tanh():
