@@ -42,6 +42,7 @@ from aim_jax.layers import Dtype, logical
 from aim_jax.models import AIM, check_images
 from aim_jax.pretrained import VARIABLES_DIR, read_config
 from aim_jax.registry import ModelConfig
+from aim_jax.train import update_if_finite
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TRUNK_SOURCES = ("pretrain_workdir", "pretrained", "random")
@@ -672,18 +673,13 @@ def make_probe_train_step(head: nn.Module, tx, schedule, featurize):
             state.params, state.batch_stats, features, labels
         )
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+        params, opt_state = update_if_finite(tx, finite, grads, state.params, state.opt_state)
+        batch_stats = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
+        )
         new_state = ProbeState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            batch_stats=keep(batch_stats, state.batch_stats),
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         top1 = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
         step_metrics = {

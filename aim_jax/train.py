@@ -111,6 +111,28 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def update_if_finite(
+    tx: optax.GradientTransformation, finite: jax.Array, grads: Any, params: Any, opt_state: Any
+) -> tuple[Any, Any]:
+    """Apply the optimizer update when `finite` is True; otherwise return the state unchanged.
+
+    A `lax.cond` rather than a select between the old and the new state: a select keeps
+    both alive, and on the CPU XLA's memory estimate of an aim-600M step (batch 2) fell
+    from 24.7 to 20.3 GiB with the conditional.
+    """
+
+    def apply(operands):
+        params, opt_state, grads = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def skip(operands):
+        params, opt_state, _ = operands
+        return params, opt_state
+
+    return jax.lax.cond(finite, apply, skip, (params, opt_state, grads))
+
+
 def make_train_step(
     model: AIMPretrainer,
     tx: optax.GradientTransformation,
@@ -174,15 +196,9 @@ def make_train_step(
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-        )
+        params, opt_state = update_if_finite(tx, finite, grads, state.params, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         step_metrics = {
             "train/loss": loss,
             "train/grad_norm": grad_norm,

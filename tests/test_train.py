@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_helpers
 from train_helpers import read_losses, read_metrics, run_steps, tiny_config, train
@@ -257,6 +258,28 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert int(setup.state.step) == 2
     for leaf in jax.tree.leaves(setup.state.params):
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_update_if_finite_applies_adamw_or_keeps_the_state():
+    config = tiny_config(total_steps=10)
+    config.optimizer.init_lr = 0.01  # nonzero at step 0, so the update changes the parameters
+    tx, _ = train_lib.create_optimizer(config)
+    params = {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.25]]), "bias": jnp.asarray([0.1, 0.2])}
+    grads = {"kernel": jnp.asarray([[0.1, 0.2], [-0.3, 0.4]]), "bias": jnp.asarray([1.0, -1.0])}
+    opt_state = tx.init(params)
+    new_params, new_opt_state = train_lib.update_if_finite(
+        tx, jnp.asarray(True), grads, params, opt_state
+    )
+    updates, expected_opt_state = tx.update(grads, opt_state, params)
+    assert_trees_close(new_params, optax.apply_updates(params, updates), rtol=0)
+    assert_trees_close(new_opt_state, expected_opt_state, rtol=0)
+    assert not np.allclose(new_params["kernel"], params["kernel"])
+
+    kept_params, kept_opt_state = train_lib.update_if_finite(
+        tx, jnp.asarray(False), grads, params, opt_state
+    )
+    assert_trees_close(kept_params, params, rtol=0)
+    assert_trees_close(kept_opt_state, opt_state, rtol=0)
 
 
 def _save_classifier(directory, model_config):
