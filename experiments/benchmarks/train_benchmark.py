@@ -53,20 +53,28 @@ def build_step(config):
     return jax.jit(step, donate_argnums=0), init, abstract, model_config
 
 
-def memory_analysis_bytes(compiled) -> str:
+def memory_needed(compiled) -> int | None:
+    """Bytes the compiled step needs by XLA's analysis (arguments, outputs, temporaries)."""
     try:
         analysis = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError):
-        return "n/a"
+        return None
     if analysis is None:
-        return "n/a"
-    total = (
+        return None
+    return (
         analysis.argument_size_in_bytes
         + analysis.output_size_in_bytes
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
-    return f"{total / 2**30:.2f} GiB (temp {analysis.temp_size_in_bytes / 2**30:.2f})"
+
+
+def memory_analysis_bytes(compiled) -> str:
+    needed = memory_needed(compiled)
+    if needed is None:
+        return "n/a"
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return f"{needed / 2**30:.2f} GiB (temp {temp / 2**30:.2f})"
 
 
 def benchmark_size(size: str, batch_size: int, steps: int, dtype: str, peak: float) -> dict:
@@ -74,24 +82,28 @@ def benchmark_size(size: str, batch_size: int, steps: int, dtype: str, peak: flo
     step, init, abstract, model_config = build_step(config)
     num_tokens = (IMAGE_SIZE // model_config.patch_size) ** 2
     flops_per_image = flops.pretrain_step_flops(model_config, num_tokens)
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    }
+    rng = jax.random.key(1)
+    start = time.perf_counter()
+    compiled = step.lower(abstract, batch_spec, rng).compile()
+    compile_s = time.perf_counter() - start
+    needed = memory_needed(compiled)
     available = psutil.virtual_memory().available
-    # The state already contains the two Adam moments; gradients and the update add about
-    # half of it again. Activations come on top (see the XLA memory column).
-    needed = 1.5 * state_bytes
-    if needed > 0.8 * available:
-        return {"size": size, "skipped": f"needs over {needed / 2**30:.1f} GiB"}
+    if needed is not None and needed > 0.95 * available:
+        return {
+            "size": size,
+            "skipped": f"XLA's memory analysis gives {needed / 2**30:.1f} GiB, over 95% of the "
+            f"{available / 2**30:.1f} GiB available",
+        }
 
     images = jnp.asarray(
         np.random.default_rng(0).normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)),
         jnp.float32,
     )
     batch = {"image": images}
-    rng = jax.random.key(1)
     state = init()
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -179,7 +191,7 @@ def main() -> None:
             continue
         row = benchmark_size(size, batch, args.steps, args.dtype, peak)
         if "skipped" in row:
-            print(f"{size:<10} skipped: {row['skipped']}, more than the free memory")
+            print(f"{size:<10} skipped: {row['skipped']}")
             continue
         print(
             f"{size:<10} {row['batch']:>5}  {row['compile_s']:>9.1f}  {row['step_s']:>6.2f}  "
