@@ -260,7 +260,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-def test_update_if_finite_applies_adamw_or_keeps_the_state():
+def test_update_if_finite_applies_or_skips():
     config = tiny_config(total_steps=10)
     config.optimizer.init_lr = 0.01  # nonzero at step 0, so the update changes the parameters
     tx, _ = train_lib.create_optimizer(config)

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="images per step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--top", type=int, default=25, help="operations to list")
-    parser.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the blocks")
+    parser.add_argument("--no_scan", dest="scan", action="store_false", help="unroll the blocks")
     args = parser.parse_args()
 
     config = make_config(args.size, args.batch_size, scan=args.scan, dtype=args.dtype)
