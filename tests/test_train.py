@@ -81,6 +81,22 @@ def test_fsdp_mesh_matches_single_device(reference_run, fsdp_run):
     assert expected[NUM_STEPS] < 0.8 * expected[1]
 
 
+def test_tensor_parallel_mesh_matches_single_device(reference_run, tmp_path):
+    config = tiny_config(total_steps=NUM_STEPS)
+    config.mesh.data = 2
+    config.mesh.fsdp = 2
+    config.mesh.tensor = 2
+    train(config, tmp_path)
+    expected = read_losses(reference_run)
+    assert_losses_close(read_losses(tmp_path), expected, range(1, NUM_STEPS + 1))
+
+    setup = train_lib.setup_training(config, str(tmp_path))  # restores the last checkpoint
+    setup.manager.close()
+    kernel = setup.state.params["trunk"]["blocks_0"]["mlp"]["fc1"]["kernel"]  # (D, 4D)
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (32 // 2, 128 // 2)
+
+
 def test_fsdp_mesh_shards_parameters(tmp_path):
     config = tiny_config(total_steps=NUM_STEPS)
     config.mesh.data = 2
