@@ -119,6 +119,16 @@ def update_if_finite(
     A `lax.cond` rather than a select between the old and the new state: a select keeps
     both alive, and on the CPU XLA's memory estimate of an aim-600M step (batch 2) fell
     from 24.7 to 20.3 GiB with the conditional.
+
+    Args:
+        tx: the optimizer.
+        finite: scalar bool, whether the loss and the gradient norm are finite.
+        grads: gradients, a pytree like `params`.
+        params: current parameters.
+        opt_state: current optimizer state.
+
+    Returns:
+        `(params, opt_state)` after the update, or the inputs unchanged.
     """
 
     def apply(operands):

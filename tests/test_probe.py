@@ -166,6 +166,37 @@ def test_evaluate_input_pipeline_counts_each_image_once(golden, tmp_path):
     assert output.metrics["loss"] == pytest.approx(reference["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", probe_lib.HEADS)
+def test_probe_step_skips_non_finite_batch(kind):
+    config = train_config(optimizer={"init_lr": 0.01})  # nonzero learning rate at step 0
+    head = probe_lib.create_head(kind, tiny_model_config())
+    tx, schedule = train.create_optimizer(config)
+    step = jax.jit(
+        probe_lib.make_probe_train_step(head, tx, schedule, lambda _, features: features)
+    )
+    state = nn.meta.unbox(probe_lib.init_probe_state(head, tx, (8, 32), jax.random.key(0)))
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(4, 8, 32)).astype(np.float32)  # (B, N, D)
+    labels = np.arange(4, dtype=np.int32) % NUM_CLASSES
+
+    good, good_metrics = step(state, features, labels, None)
+    assert bool(good_metrics["probe/finite"])
+    assert not np.array_equal(good.params["linear"]["kernel"], state.params["linear"]["kernel"])
+    for new, old in zip(
+        jax.tree.leaves(good.batch_stats), jax.tree.leaves(state.batch_stats), strict=True
+    ):
+        assert not np.array_equal(new, old)
+
+    features[1, 2, 3] = np.nan
+    skipped, skipped_metrics = step(good, features, labels, None)
+    assert not bool(skipped_metrics["probe/finite"])
+    assert int(skipped.step) == int(good.step) + 1
+    for field in ("params", "batch_stats", "opt_state"):
+        new_leaves = jax.tree.leaves(getattr(skipped, field))
+        for new, old in zip(new_leaves, jax.tree.leaves(getattr(good, field)), strict=True):
+            np.testing.assert_array_equal(new, old, err_msg=field)
+
+
 def test_classification_sums_ties_and_few_classes():
     logits = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0], [3.0, 2.0, 1.0]], np.float32)
     labels = np.array([1, 0, 2], np.int32)

@@ -3,13 +3,14 @@
     python experiments/benchmarks/profile_step.py --size aim-base --batch_size 8
 
 Runs the jitted `train_step` of `aim_jax.train` (as `train_benchmark.py` builds it) once
-under `jax.profiler.trace`, reads the trace with `jax.profiler.ProfileData`, and prints the
-operations of the compiled step with the most time, each with the JAX operation it came
+under `jax.profiler.trace` and reads the trace with `jax.profiler.ProfileData`. It prints
+the operations of the compiled step with the most time, each with the JAX operation it came
 from, then the time per kind of operation (`ynn_fusion` for matmuls, `dot` for Eigen
 matmuls, loop fusions for elementwise work). XLA's CPU runtime runs independent operations
 at the same time, so two operations that overlap both count their full time: the sum can
 exceed the wall time, and a matmul that shares the cores with another looks slower than it
-is. On the CPU the trace has per-operation events only with
+is. Tracing adds a cost to every operation, which shows most on small models, so time steps
+with `train_benchmark.py`. On the CPU the trace has per-operation events only with
 `--xla_cpu_enable_xprof_traceme=true`, which this script adds to `XLA_FLAGS`.
 """
 
