@@ -268,7 +268,12 @@ def test_mlp_gradients_match_numpy():
     [
         ((2, 3, 5, 4), (4, 6), (((3,), (0,)), ((), ())), "abcd,de->abce"),  # merged to 2D
         ((7, 4), (4, 6), (((1,), (0,)), ((), ())), "ad,de->ae"),  # already 2D
-        ((4, 3, 5), (4, 6), (((0,), (0,)), ((), ())), "dbc,de->bce"),  # other form: lax
+        (
+            (4, 3, 5),
+            (4, 6),
+            (((0,), (0,)), ((), ())),
+            "dbc,de->bce",
+        ),  # any other form: lax.dot_general
     ],
 )
 def test_matrix_dot_general_equals_einsum(lhs_shape, rhs_shape, dims, subscripts):

@@ -6,12 +6,14 @@ Runs the jitted `train_step` of `aim_jax.train` (as `train_benchmark.py` builds 
 under `jax.profiler.trace` and reads the trace with `jax.profiler.ProfileData`. It prints
 the operations of the compiled step with the most time, each with the JAX operation it came
 from, then the time per kind of operation (`ynn_fusion` for matmuls, `dot` for Eigen
-matmuls, loop fusions for elementwise work). XLA's CPU runtime runs independent operations
-at the same time, so two operations that overlap both count their full time: the sum can
-exceed the wall time, and a matmul that shares the cores with another looks slower than it
-is. Tracing adds a cost to every operation, which shows most on small models, so time steps
-with `train_benchmark.py`. On the CPU the trace has per-operation events only with
-`--xla_cpu_enable_xprof_traceme=true`, which this script adds to `XLA_FLAGS`.
+matmuls, loop fusions for elementwise work).
+
+XLA's CPU runtime runs independent operations at the same time, and two operations that
+overlap both count their full time. So the sum can exceed the wall time, and a matmul that
+shares the cores with another looks slower than it is. Tracing adds a cost to every
+operation, which shows most on small models, so time steps with `train_benchmark.py`. On the
+CPU the trace has per-operation events only with `--xla_cpu_enable_xprof_traceme=true`,
+which this script adds to `XLA_FLAGS`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from train_benchmark import IMAGE_SIZE, build_step, make_config  # noqa: E402
+from train_benchmark import build_step, make_config, random_batch  # noqa: E402
 
-# Events of the runtime itself rather than of one operation of the step; "end: " events
-# mark where an operation that ran asynchronously finished.
+# Events of the runtime itself rather than of one operation of the step. An "end: " event
+# marks where an operation that ran asynchronously finished.
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
 
 
@@ -70,7 +70,7 @@ def operation_times(trace_dir: pathlib.Path) -> tuple[collections.Counter, colle
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="aim-base", help="registry model name")
+    parser.add_argument("--size", default="aim-base", help="model name in aim_jax.registry")
     parser.add_argument("--batch_size", type=int, default=8, help="images per step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--top", type=int, default=25, help="operations to list")
@@ -79,8 +79,7 @@ def main() -> None:
 
     config = make_config(args.size, args.batch_size, scan=args.scan, dtype=args.dtype)
     step, init, _, _ = build_step(config)
-    images = np.random.default_rng(0).normal(size=(args.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3))
-    batch = {"image": jnp.asarray(images, jnp.float32)}
+    batch = random_batch(args.batch_size)
     rng = jax.random.key(1)
     state = init()
     compiled = step.lower(state, batch, rng).compile()

@@ -54,6 +54,12 @@ def build_step(config):
     return jax.jit(step, donate_argnums=0), init, abstract, model_config
 
 
+def random_batch(batch_size: int) -> dict[str, jax.Array]:
+    """Return a batch of `batch_size` random 224 px images, the same for every call."""
+    images = np.random.default_rng(0).normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3))
+    return {"image": jnp.asarray(images, jnp.float32)}
+
+
 def memory_needed(compiled) -> int | None:
     """Bytes the compiled step needs by XLA's analysis (arguments, outputs, temporaries)."""
     try:
@@ -104,11 +110,7 @@ def benchmark_size(
             f"{available / 2**30:.2f} GiB available",
         }
 
-    images = jnp.asarray(
-        np.random.default_rng(0).normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)),
-        jnp.float32,
-    )
-    batch = {"image": images}
+    batch = random_batch(batch_size)
     state = init()
     state, metrics = compiled(state, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
